@@ -13,7 +13,7 @@ from mlprobe.probe.heads import build_head
 from mlprobe.probe.metrics import evaluate
 from mlprobe.probe.selection import choose_configs
 from mlprobe.probe.sweep import HeadConfig
-from mlprobe.probe.train import batch_order, cosine_schedule, train_sweep, training_targets
+from mlprobe.probe.train import batch_order, cosine_schedule, train_sweep, training_targets, view_draws
 
 DIMS = {"stage0": 6, "stage1": 10, "final": 16}
 CLASSES = 4
@@ -313,20 +313,29 @@ def test_bad_arguments_rejected(arguments, message):
         train_sweep(configs, source, source, **arguments)
 
 
-def test_views_cycle_per_epoch():
-    # Two stored views: epoch 1 trains on view 0, epoch 2 on view 1. View 1 is
-    # all zeros, so the second epoch trains on constant inputs.
+def test_views_drawn_per_image_per_epoch():
+    draws = [view_draws(0, epoch, 0, 1000, 3) for epoch in range(2)]
+
+    assert set(np.unique(draws[0])) == {0, 1, 2}
+    assert not np.array_equal(draws[0], draws[1])
+    assert np.array_equal(draws[0], view_draws(0, 0, 0, 1000, 3))
+
+
+def test_views_feed_training():
+    # Identical views train exactly like a single view; an all-zero second
+    # view changes the first epoch already, because each image draws its view.
     features, labels = make_features(64, seed=16)
-    two_views = {name: np.stack([value, np.zeros_like(value)], axis=1) for name, value in features.items()}
+    same_views = {name: np.stack([value, value], axis=1) for name, value in features.items()}
+    zero_view = {name: np.stack([value, np.zeros_like(value)], axis=1) for name, value in features.items()}
     config = HeadConfig("linear", None, 0, 0.1, 0.0, "none")
+    test = ArraySource(features, labels)
 
-    result = train_sweep([config], ArraySource(two_views, labels), ArraySource(features, labels), epochs=2,
-                         batch_size=64)
-    single_view = train_sweep([config], ArraySource(features, labels), ArraySource(features, labels), epochs=2,
-                              batch_size=64)
+    single = train_sweep([config], ArraySource(features, labels), test, epochs=2, batch_size=64)
+    same = train_sweep([config], ArraySource(same_views, labels), test, epochs=2, batch_size=64)
+    zero = train_sweep([config], ArraySource(zero_view, labels), test, epochs=2, batch_size=64)
 
-    assert result.heads[0].train_loss[0] == pytest.approx(single_view.heads[0].train_loss[0])
-    assert result.heads[0].train_loss[1] != pytest.approx(single_view.heads[0].train_loss[1])
+    assert same.heads[0].train_loss == pytest.approx(single.heads[0].train_loss)
+    assert zero.heads[0].train_loss[0] != pytest.approx(single.heads[0].train_loss[0])
 
 
 def write_store(directory, features, labels, *, model="toy-model", shard_size=64):

@@ -121,6 +121,16 @@ def batch_order(seed: int, epoch: int, chunk_index: int, num_rows: int) -> np.nd
     return np.random.default_rng([seed, epoch, chunk_index]).permutation(num_rows)
 
 
+def view_draws(seed: int, epoch: int, chunk_index: int, num_rows: int, views: int) -> np.ndarray:
+    """Return the augmented view (int64 [num_rows] in [0, views)) that each row shows a head of this seed in an epoch.
+
+    Every image gets its own uniform draw each epoch, from numpy's
+    default_rng([seed, epoch, chunk_index, 1]), so heads of the same seed see
+    the same views and the draw does not depend on which other heads train.
+    """
+    return np.random.default_rng([seed, epoch, chunk_index, 1]).integers(0, views, size=num_rows)
+
+
 def training_targets(labels: np.ndarray, difficult: str) -> tuple[np.ndarray, np.ndarray | None]:
     """Turn int8 labels [N, K] in -1/0/1 into float32 targets and an optional float32 mask.
 
@@ -476,9 +486,16 @@ def _chunks(source, rows: _Rows | None, names, difficult, memory, device, view: 
         yield block
 
 
-def _normalized(rows: _Rows, name: str, view: int, index: torch.Tensor, normalization: str, statistics: dict) -> torch.Tensor:
-    """Gather rows `index` of one feature and view as float32 [b, D], normalised."""
-    values = rows.features[name][:, view].index_select(0, index)
+def _normalized(rows: _Rows, name: str, view: int | torch.Tensor, index: torch.Tensor, normalization: str,
+                statistics: dict) -> torch.Tensor:
+    """Gather rows `index` of one feature as float32 [b, D], normalised.
+
+    view: one view for every row, or int64 [b] with a view for each row of `index`.
+    """
+    if isinstance(view, torch.Tensor):
+        values = rows.features[name][index, view]
+    else:
+        values = rows.features[name][:, view].index_select(0, index)
     if normalization == "standardize":
         return normalize_feature(values, normalization, statistics["mean"][name], statistics["std"][name])
     return normalize_feature(values, normalization, None, None)
@@ -486,8 +503,11 @@ def _normalized(rows: _Rows, name: str, view: int, index: torch.Tensor, normaliz
 
 def _train_epoch(groups, optimizer: _JointSGD, train, rows, epoch, batch_size, difficult, statistics, names, memory,
                  device) -> np.ndarray:
-    """Run one epoch of joint SGD steps over the training rows; return each head's mean loss in group order."""
-    view = epoch % train.views
+    """Run one epoch of joint SGD steps over the training rows; return each head's mean loss in group order.
+
+    With augmented views in the store, every image shows each head one view per
+    epoch, drawn per image by view_draws.
+    """
     optimizer.start_epoch(epoch)
     seeds = sorted({group.seed for group in groups})
     head_seeds = torch.tensor([seeds.index(group.seed) for group in groups for _ in group.indices], device=device)
@@ -497,17 +517,23 @@ def _train_epoch(groups, optimizer: _JointSGD, train, rows, epoch, batch_size, d
     for chunk_index, block in enumerate(blocks):
         count = block.num_rows
         orders = {seed: torch.from_numpy(batch_order(seed, epoch, chunk_index, count)).to(device) for seed in seeds}
+        views = {seed: torch.from_numpy(view_draws(seed, epoch, chunk_index, count, train.views)).to(device)
+                 for seed in seeds} if train.views > 1 else None
         for start in range(0, count, batch_size):
             batches = {seed: order[start : start + batch_size] for seed, order in orders.items()}
-            per_head = _train_step(groups, block, view, batches, seeds, head_seeds, statistics)
+            batch_views = {seed: views[seed][batch] for seed, batch in batches.items()} if views else None
+            per_head = _train_step(groups, block, batch_views, batches, seeds, head_seeds, statistics)
             loss_sum.add_(per_head.detach(), alpha=len(batches[seeds[0]]))
             optimizer.step()
     return (loss_sum / train.num_rows).cpu().numpy()
 
 
-def _train_step(groups, block: _Rows, view: int, batches: dict[int, torch.Tensor], seeds: list[int],
-                head_seeds: torch.Tensor, statistics: dict) -> torch.Tensor:
-    """Backpropagate the summed loss of every head on its seed's batch; return the losses [H] in group order."""
+def _train_step(groups, block: _Rows, batch_views: dict[int, torch.Tensor] | None, batches: dict[int, torch.Tensor],
+                seeds: list[int], head_seeds: torch.Tensor, statistics: dict) -> torch.Tensor:
+    """Backpropagate the summed loss of every head on its seed's batch; return the losses [H] in group order.
+
+    batch_views: the view of each batch row per seed, or None when the store has one view.
+    """
     inputs: dict[tuple, torch.Tensor] = {}
     logits = []
     for group in groups:
@@ -516,6 +542,7 @@ def _train_step(groups, block: _Rows, view: int, batches: dict[int, torch.Tensor
         for name in group.names:
             key = (group.seed, name, group.normalization)
             if key not in inputs:
+                view = 0 if batch_views is None else batch_views[group.seed]
                 inputs[key] = _normalized(block, name, view, index, group.normalization, statistics)
             group_inputs.append(inputs[key])
         logits.append(group.stacked(group_inputs))
