@@ -114,8 +114,12 @@ def head_file_name(model: str, result: HeadResult) -> str:
 
 
 def save_chosen_heads(folder: Path, model: str, chosen: list[HeadResult], *, feature_dims: dict[str, int],
-                      class_names: list[str]) -> list[Path]:
-    """Save the state dict and configuration of every chosen head with torch.save; return the paths."""
+                      class_names: list[str], backbone: dict | None = None) -> list[Path]:
+    """Save the state dict and configuration of every chosen head with torch.save; return the paths.
+
+    backbone: the store's weights fingerprint and preprocessing (image_size, mean,
+    std, interpolation), so that mlprobe.probe.classifier can rebuild the live model.
+    """
     paths = []
     for result in chosen:
         path = folder / head_file_name(model, result)
@@ -127,6 +131,7 @@ def save_chosen_heads(folder: Path, model: str, chosen: list[HeadResult], *, fea
             "selected_on": result.selected_on,
             "val_mAP": result.val_mAP,
             "test_mAP": result.test_metrics["mAP"],
+            "backbone": dict(backbone or {}),
         }
         save_head(result.head, path, feature_dims=feature_dims, extra=_json_safe(extra))
         paths.append(path)

@@ -145,8 +145,10 @@ def _probe_model(train_store, test_store, out_dir, *, heads, wheres, seeds, lrs,
                          max_memory_bytes=max_memory_bytes, progress=progress, on_epoch=keep_records)
 
     chosen = choose_configs(result.heads)
+    backbone = {key: train_store.manifest[key]
+                for key in ("model", "weights_fingerprint", "image_size", "mean", "std", "interpolation")}
     save_chosen_heads(out_dir / "heads", model, chosen, feature_dims=train_store.feature_dims,
-                      class_names=train_store.class_names)
+                      class_names=train_store.class_names, backbone=backbone)
     return {
         "model": model,
         "train_store": str(train_store.path),
