@@ -204,6 +204,8 @@ def write_json_atomic(path: Path, data: Any) -> None:
             file.write("\n")
             file.flush()
             os.fsync(file.fileno())
+        # mkstemp creates the file readable by its owner only; give it the usual mode.
+        os.chmod(temporary, 0o644)
         os.replace(temporary, path)
     except BaseException:
         Path(temporary).unlink(missing_ok=True)

@@ -74,6 +74,9 @@ class ShardWriter:
         views: V, the views per image.
         num_classes: K, the label columns.
         compression: HDF5 filter for the feature datasets ("gzip", "lzf") or None.
+        max_rows: the most rows the shard will get, if known. It caps the HDF5
+            chunk rows, because HDF5 allocates whole chunks and a small shard
+            would otherwise take a full chunk of disk per feature.
     """
 
     def __init__(
@@ -85,6 +88,7 @@ class ShardWriter:
         views: int,
         num_classes: int,
         compression: str | None = defaults.SHARD_COMPRESSION,
+        max_rows: int | None = None,
     ):
         self.directory = Path(directory)
         self.index = index
@@ -92,6 +96,7 @@ class ShardWriter:
         self.views = views
         self.num_classes = num_classes
         self.compression = compression
+        self.max_rows = max_rows
         self.path = self.directory / shard_name(index)
         self.temporary_path = self.directory / temporary_shard_name(index)
         self.rows = 0
@@ -112,6 +117,8 @@ class ShardWriter:
         group = self._file.create_group("features")
         for name, dim in self.feature_dims.items():
             chunk_rows = max(1, CHUNK_BYTES // (self.views * dim * 2))
+            if self.max_rows:
+                chunk_rows = min(chunk_rows, self.max_rows)
             group.create_dataset(
                 name,
                 shape=(0, self.views, dim),
