@@ -10,6 +10,13 @@ SHARD_SIZE = 1024  # images per HDF5 shard
 EXTRACT_BATCH_SIZE = 32
 EXTRACT_WORKERS = 2
 FEATURE_DTYPE = "float16"  # on disk; training math is float32
+VIEWS = 1  # augmented views per training image; 1 stores the single unaugmented view
+VIEW_SEED = 0  # base seed of the augmented views
+RANDAUGMENT_NUM_OPS = 2  # RandAugment operations per view (torchvision's default)
+RANDAUGMENT_MAGNITUDE = 9  # RandAugment strength, 0..30 (torchvision's default)
+CUTOUT_FACTOR = 0.5  # side of the Cutout hole as a fraction of the image side
+TRAINING_SPLIT_NAMES = ("train", "trainval")  # splits that get augmented views unless the caller overrides it
+DISTRIBUTED_TIMEOUT_S = 24 * 3600  # how long a rank that finished early waits at the final barrier
 
 # Probing.
 EPOCHS = 30

@@ -11,18 +11,23 @@ import subprocess
 import sys
 import textwrap
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from click.testing import CliRunner
 from PIL import Image
 
-from mlprobe.errors import DatasetError, StoreError
+from mlprobe.cli import cli
+from mlprobe.errors import DatasetError, MlprobeError, StoreError
 from mlprobe.extract.backbones import FeatureExtractor, create_backbone, data_config, weights_fingerprint
-from mlprobe.extract.datasets import Sample, Split
+from mlprobe.extract.datasets import Sample, Split, load_split
+from mlprobe.extract.demo_data import build_demo_data
 from mlprobe.extract.images import ImageDataset
-from mlprobe.extract.loop import extract_split
+from mlprobe.extract.augment import ViewAugmenter
+from mlprobe.extract.loop import RunOptions, _batches, _make_loader, extract_split
 from mlprobe.features import FeatureStore
 from mlprobe.features.layout import shard_name, sidecar_name
 
@@ -283,7 +288,8 @@ SPLIT_SCRIPT = """
 import json, sys
 from pathlib import Path
 import numpy as np
-from mlprobe.extract.datasets import Sample, Split
+from mlprobe.extract.datasets import Sample, Split, load_split
+from mlprobe.extract.demo_data import build_demo_data
 
 def load_split(path):
     data = json.loads(Path(path).read_text())
@@ -342,29 +348,18 @@ def test_killed_run_resumes_to_same_store(tmp_path):
 
 
 @pytest.mark.slow
-def test_torchrun_gloo_two_processes(reference, tmp_path):
-    split, _, stored = reference
-    write_split_json(split, tmp_path / "split.json")
-    script = tmp_path / "run.py"
-    script.write_text(
-        SPLIT_SCRIPT
-        + textwrap.dedent(
-            f"""
-            import torch.distributed as dist
-            from mlprobe.extract.loop import extract_split
-            dist.init_process_group("gloo")
-            extract_split(load_split(sys.argv[1]), model_name={MODEL!r}, image_size={IMAGE_SIZE},
-                          out_root=Path(sys.argv[2]), batch_size={BATCH_SIZE}, workers=0,
-                          shard_size={SHARD_SIZE}, progress=False)
-            dist.destroy_process_group()
-            """
-        )
-    )
+def test_torchrun_cli_matches_one_process(tmp_path):
+    demo = build_demo_data(tmp_path / "demo", n_train=16, n_test=8)
+    voc_root = Path(demo["voc_root"])
+    features = tmp_path / "features"
 
     completed = subprocess.run(
         [
             sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-            str(script), str(tmp_path / "split.json"), str(tmp_path / "features"),
+            "-m", "mlprobe.cli", "extract", "--dataset", "voc2007", "--root", str(voc_root),
+            "--model", MODEL, "--image-size", str(IMAGE_SIZE), "--out", str(features),
+            "--shard-size", str(SHARD_SIZE), "--batch-size", str(BATCH_SIZE), "--workers", "0",
+            "--views", "2", "--no-progress",
         ],
         env=subprocess_env(),
         capture_output=True,
@@ -373,13 +368,18 @@ def test_torchrun_gloo_two_processes(reference, tmp_path):
     )
 
     assert completed.returncode == 0, completed.stderr[-3000:]
-    directory = tmp_path / "features" / "toy" / f"{MODEL}-{IMAGE_SIZE}" / "train"
-    result = read_all(directory)
-    assert result["image_ids"] == stored["image_ids"]
-    assert np.array_equal(result["labels"], stored["labels"])
-    # torchrun runs each process with one thread, which can change float32 sums in the last bits.
-    for name in ("stage0", "stage4", "final"):
-        assert np.allclose(result[name], stored[name], rtol=1e-2, atol=1e-3), name
+    assert completed.stdout.count("images ->") == 2, completed.stdout
+    for split_name, views in (("trainval", 2), ("test", 1)):
+        split = load_split("voc2007", voc_root, split_name)
+        reference = read_all(extract(split, tmp_path / "reference", views=2))
+        store = FeatureStore.open(features / "voc2007" / f"{MODEL}-{IMAGE_SIZE}" / split_name)
+        result = read_all(store.path)
+        assert store.views == views, split_name
+        assert result["image_ids"] == reference["image_ids"]
+        assert np.array_equal(result["labels"], reference["labels"])
+        # torchrun runs each process with one thread, which can change float32 sums in the last bits.
+        for name in store.feature_names:
+            assert np.allclose(result[name], reference[name], rtol=1e-2, atol=1e-3), (split_name, name)
 
 
 def test_shard_of_only_bad_images_is_empty(reference, tmp_path):
@@ -395,3 +395,153 @@ def test_shard_of_only_bad_images_is_empty(reference, tmp_path):
     assert [entry["image_id"] for entry in store.skipped] == [sample.image_id for sample in split.samples[16:]]
     assert store.read_image_ids() == stored["image_ids"][:16]
     assert np.array_equal(store.read_features("final"), stored["final"][:16])
+
+
+@pytest.fixture(scope="module")
+def augmented(reference, tmp_path_factory):
+    """The reference split's store with 3 augmented views per image."""
+    split, _, _ = reference
+    directory = extract(split, tmp_path_factory.mktemp("augmented"), views=3, view_seed=7)
+    return directory, read_all(directory)
+
+
+def test_views_stored_per_image(reference, augmented):
+    _, _, plain = reference
+    directory, stored = augmented
+    store = FeatureStore.open(directory)
+
+    assert store.views == 3
+    for name in store.feature_names:
+        assert stored[name].shape == (20, 3, store.feature_dims[name]), name
+    assert np.array_equal(stored["labels"], plain["labels"])
+    final = stored["final"].astype(np.float32)
+    plain_final = plain["final"][:, 0].astype(np.float32)
+    for first, second in ((0, 1), (0, 2), (1, 2)):
+        assert (np.abs(final[:, first] - final[:, second]).max(axis=1) > 0.01).all(), (first, second)
+    for view in range(3):
+        assert (np.abs(final[:, view] - plain_final).max(axis=1) > 0.01).all(), view
+
+
+def test_views_manifest_records_augmentation(augmented):
+    directory, _ = augmented
+    manifest = json.loads((directory / "manifest.json").read_text())
+
+    assert manifest["views"] == 3
+    assert manifest["augmentation"]["views"] == 3
+    assert manifest["augmentation"]["view_seed"] == 7
+    assert manifest["augmentation"]["randaugment_num_ops"] == 2
+    assert manifest["augmentation"]["randaugment_magnitude"] == 9
+    assert manifest["augmentation"]["cutout_factor"] == 0.5
+
+
+def test_views_same_across_ranks_and_workers(reference, augmented, tmp_path):
+    split, _, _ = reference
+    _, stored = augmented
+
+    extract(split, tmp_path, views=3, view_seed=7, rank=1, world_size=2, workers=2)
+    directory = extract(split, tmp_path, views=3, view_seed=7, rank=0, world_size=2)
+
+    assert_same_store(read_all(directory), stored)
+
+
+def test_other_view_seed_changes_views(reference, augmented, tmp_path):
+    split, _, _ = reference
+    _, stored = augmented
+
+    directory = extract(replace(split, samples=split.samples[:4]), tmp_path, views=3, view_seed=8)
+
+    changed = read_all(directory)["final"].astype(np.float32)
+    assert (np.abs(changed - stored["final"][:4].astype(np.float32)).max(axis=2) > 0.01).all()
+
+
+def test_test_split_keeps_single_view(reference, tmp_path):
+    split, _, plain = reference
+    test_split = replace(split, split="test")
+
+    directory = extract(test_split, tmp_path, views=3)
+
+    store = FeatureStore.open(directory)
+    assert store.views == 1
+    assert store.manifest["augmentation"] is None
+    assert_same_store(read_all(directory), plain)
+
+
+def test_training_flag_overrides_split_name(reference, tmp_path):
+    split, _, _ = reference
+    first_images = replace(split, samples=split.samples[:4])
+
+    not_augmented = extract(first_images, tmp_path / "off", views=3, training=False)
+    augmented = extract(replace(first_images, split="holdout"), tmp_path / "on", views=3, training=True)
+
+    assert FeatureStore.open(not_augmented).views == 1
+    assert FeatureStore.open(augmented).views == 3
+
+
+def test_changed_views_redo_shards(reference, tmp_path):
+    split, _, plain = reference
+
+    extract(split, tmp_path, views=3, view_seed=7)
+    directory = extract(split, tmp_path)
+
+    assert FeatureStore.open(directory).views == 1
+    assert_same_store(read_all(directory), plain)
+
+
+def test_gzip_compression_same_features(reference, tmp_path):
+    _, _, plain = reference
+
+    directory = extract(reference[0], tmp_path, compression="gzip")
+
+    assert_same_store(read_all(directory), plain)
+
+
+def test_decode_on_gpu_without_cuda_rejected(reference, tmp_path):
+    if torch.cuda.is_available():
+        pytest.skip("CUDA is available, so GPU decoding is allowed")
+    split, _, _ = reference
+
+    with pytest.raises(MlprobeError) as raised:
+        extract(split, tmp_path, decode_on_gpu=True)
+
+    assert "--decode-on-gpu needs a CUDA device" in str(raised.value)
+    assert not (tmp_path / "toy").exists()
+
+
+def test_cli_decode_on_gpu_without_cuda_one_line(tmp_path):
+    if torch.cuda.is_available():
+        pytest.skip("CUDA is available, so GPU decoding is allowed")
+    demo = build_demo_data(tmp_path / "demo", n_train=2, n_test=2)
+    arguments = [
+        "extract", "--dataset", "voc2007", "--root", str(demo["voc_root"]), "--model", MODEL,
+        "--out", str(tmp_path / "features"), "--decode-on-gpu",
+    ]
+
+    result = CliRunner().invoke(cli, arguments)
+
+    assert result.exit_code == 1
+    assert "Error: --decode-on-gpu needs a CUDA device" in result.output
+    assert result.exception is None or isinstance(result.exception, SystemExit)
+
+
+@pytest.mark.parametrize("views", [1, 3])
+def test_device_decoding_batches_match_pillow(reference, views):
+    """The decode_on_gpu batches, run with libjpeg on the CPU, match the Pillow batches."""
+    split, _, _ = reference
+    config = data_config(create_backbone(MODEL), IMAGE_SIZE)
+    augmenter = ViewAugmenter(config, views=views) if views > 1 else None
+    indices = list(range(len(split.samples)))
+    batches = {}
+    for decode_on_gpu in (False, True):
+        options = RunOptions(torch.device("cpu"), BATCH_SIZE, 0, False, False, None, decode_on_gpu)
+        loader = _make_loader(split, indices, config, augmenter, options)
+        batches[decode_on_gpu] = list(_batches(loader, split, config, augmenter, options))
+
+    for (pillow_indices, pillow_images, pillow_errors), (device_indices, device_images, device_errors) in zip(
+        batches[False], batches[True]
+    ):
+        assert device_indices == pillow_indices
+        assert device_errors == pillow_errors
+        assert device_images.shape == pillow_images.shape
+        assert device_images.shape[1] == views
+        # Torch's antialiased resize differs from Pillow's by a few grey levels in a few pixels.
+        assert (device_images - pillow_images).abs().mean() < 0.01

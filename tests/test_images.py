@@ -13,8 +13,18 @@ from PIL import Image
 
 from mlprobe import defaults
 from mlprobe.errors import DatasetError
-from mlprobe.extract.images import ImageDataset, build_transform, load_image
+from mlprobe.extract.augment import ViewAugmenter, view_seed_for
+from mlprobe.extract.images import (
+    EncodedImageDataset,
+    ImageDataset,
+    build_transform,
+    collate_encoded,
+    decode_on_device,
+    load_image,
+    normalize_batch,
+)
 
+CONFIG = {"image_size": 64, "mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5, 0.5], "interpolation": "bicubic"}
 RED = (255, 0, 0)
 BLUE = (0, 0, 255)
 WHITE = (255, 255, 255)
@@ -281,3 +291,203 @@ def test_transform_square_resize_ignores_aspect(tmp_path):
     assert tensor.shape == (3, 12, 12)
     assert tensor[0, :, :6].min() == 1.0  # left half red
     assert tensor[2, :, 6:].min() == 1.0  # right half blue
+
+
+def noise_image(seed: int = 0, size: int = 64) -> torch.Tensor:
+    """A uint8 [3, size, size] image of smooth colour gradients plus noise."""
+    rng = np.random.default_rng(seed)
+    columns, rows = np.meshgrid(np.linspace(0, 200, size), np.linspace(0, 200, size))
+    base = np.stack([columns, rows, 200 - columns])
+    pixels = np.clip(base + rng.integers(0, 50, base.shape), 0, 255).astype(np.uint8)
+    return torch.from_numpy(pixels)
+
+
+def gradient_jpeg(path: Path, size: tuple[int, int] = (48, 40)) -> None:
+    """Write a smooth RGB gradient as a high-quality JPEG, so resampling differences stay small."""
+    width, height = size
+    x = np.linspace(0, 255, width)[None, :].repeat(height, axis=0)
+    y = np.linspace(0, 255, height)[:, None].repeat(width, axis=1)
+    pixels = np.stack([x, y, 255 - x], axis=-1).astype(np.uint8)
+    Image.fromarray(pixels).save(path, quality=98)
+
+
+def test_views_deterministic_per_seed_index_view():
+    augmenter = ViewAugmenter(CONFIG, views=4, view_seed=3)
+    image = noise_image()
+
+    first = augmenter(image, 5)
+    again = augmenter(image.clone(), 5)
+    other_index = augmenter(image, 6)
+
+    assert first.shape == (4, 3, 64, 64)
+    assert first.dtype == torch.float32
+    assert torch.equal(first, again)
+    assert not torch.equal(first, other_index)
+    for view in range(1, 4):
+        assert not torch.equal(first[0], first[view]), view
+
+
+def test_view_seeds_distinct_and_stable():
+    seeds = {view_seed_for(0, index, view) for index in range(50) for view in range(4)}
+
+    assert len(seeds) == 200
+    assert view_seed_for(0, 1, 2) == view_seed_for(0, 1, 2)
+    assert view_seed_for(0, 1, 2) != view_seed_for(1, 1, 2)
+    assert all(0 <= seed < 2**63 for seed in seeds)
+
+
+def test_views_leave_global_rng_alone():
+    augmenter = ViewAugmenter(CONFIG, views=2)
+    torch.manual_seed(11)
+    expected = torch.rand(3)
+
+    torch.manual_seed(11)
+    augmenter(noise_image(), 0)
+    actual = torch.rand(3)
+
+    assert torch.equal(actual, expected)
+
+
+def test_cutout_hole_is_mean_square():
+    augmenter = ViewAugmenter(CONFIG, views=8, num_ops=0)
+    image = torch.full((3, 64, 64), 255, dtype=torch.uint8)
+
+    views = augmenter(image, 0)
+
+    for view in views:
+        hole = (view == 0.0).all(dim=0)
+        rows = torch.nonzero(hole.any(dim=1)).flatten()
+        columns = torch.nonzero(hole.any(dim=0)).flatten()
+        assert 16 <= len(rows) <= 32
+        assert 16 <= len(columns) <= 32
+        assert hole[rows.min() : rows.max() + 1, columns.min() : columns.max() + 1].all()
+        assert int(hole.sum()) == len(rows) * len(columns)
+        assert torch.equal(view[:, ~hole], torch.ones(3, int((~hole).sum())))  # (1 - 0.5) / 0.5
+
+
+def test_randaugment_without_cutout_changes_image():
+    augmenter = ViewAugmenter(CONFIG, views=6, cutout_factor=0.0)
+    image = noise_image()
+    plain = normalize_batch(image[None], CONFIG)[0]
+
+    views = augmenter(image, 2)
+
+    changed = [not torch.equal(view, plain) for view in views]
+    assert sum(changed) >= 4  # a view is unchanged only when both operations drawn are Identity or no-ops
+
+
+def test_augmenter_rejects_unresized_image():
+    augmenter = ViewAugmenter(CONFIG, views=2)
+
+    with pytest.raises(ValueError) as raised:
+        augmenter(torch.zeros(3, 32, 64, dtype=torch.uint8), 0)
+
+    assert "(3, 64, 64)" in str(raised.value)
+
+
+def test_dataset_serves_views(tmp_path):
+    good = tmp_path / "good.jpg"
+    gradient_jpeg(good)
+    bad = tmp_path / "bad.jpg"
+    bad.write_text("not a JPEG")
+    augmenter = ViewAugmenter(CONFIG, views=3, view_seed=1)
+    dataset = ImageDataset([FakeSample(good), FakeSample(bad)], CONFIG, augmenter=augmenter)
+
+    index, views, error = dataset[0]
+    bad_index, bad_views, bad_error = dataset[1]
+
+    assert (index, error) == (0, "")
+    assert views.shape == (3, 3, 64, 64)
+    assert torch.equal(views, augmenter(build_resized_tensor(good), 0))
+    assert bad_index == 1
+    assert str(bad) in bad_error
+    assert torch.equal(bad_views, torch.zeros(3, 3, 64, 64))
+
+
+def build_resized_tensor(path: Path) -> torch.Tensor:
+    """The uint8 [3, 64, 64] image the dataset hands to the augmenter."""
+    from torchvision.transforms import functional
+
+    from mlprobe.extract.images import build_resize
+
+    return functional.pil_to_tensor(build_resize(CONFIG)(load_image(path)))
+
+
+def test_encoded_dataset_payloads(tmp_path):
+    jpeg = tmp_path / "photo.jpg"
+    gradient_jpeg(jpeg)
+    png = tmp_path / "drawing.png"
+    Image.new("RGBA", (30, 20), (255, 0, 0, 0)).save(png)
+    cmyk = tmp_path / "print.jpg"
+    Image.new("CMYK", (30, 20), (0, 255, 255, 0)).save(cmyk)
+    broken = tmp_path / "broken.jpg"
+    broken.write_bytes(jpeg.read_bytes()[:30])
+    dataset = EncodedImageDataset([FakeSample(path) for path in (jpeg, png, cmyk, broken)], CONFIG)
+
+    indices, payloads, errors = collate_encoded([dataset[position] for position in range(4)])
+
+    assert indices.tolist() == [0, 1, 2, 3]
+    assert torch.equal(payloads[0], torch.frombuffer(bytearray(jpeg.read_bytes()), dtype=torch.uint8))
+    assert payloads[1].shape == (3, 64, 64)
+    assert payloads[1].dtype == torch.uint8
+    assert tuple(payloads[1][:, 10, 10].tolist()) == WHITE  # transparent pixels on white
+    assert payloads[2].shape == (3, 64, 64)
+    assert payloads[3].numel() == 0
+    assert errors[:3] == ["", "", ""]
+    assert str(broken) in errors[3]
+
+
+def test_device_decoding_close_to_pillow(tmp_path):
+    jpeg = tmp_path / "photo.jpg"
+    gradient_jpeg(jpeg)
+    png = tmp_path / "drawing.png"
+    Image.new("RGB", (30, 20), BLUE).save(png)
+    dataset = EncodedImageDataset([FakeSample(jpeg), FakeSample(png)], CONFIG)
+    _, payloads, errors = collate_encoded([dataset[0], dataset[1]])
+
+    images, errors = decode_on_device(payloads, [jpeg, png], CONFIG, torch.device("cpu"), errors)
+
+    expected = build_resized_tensor(jpeg).int()
+    assert images.shape == (2, 3, 64, 64)
+    assert images.dtype == torch.uint8
+    assert errors == ["", ""]
+    assert (images[0].int() - expected).abs().float().mean() < 1.0
+    assert (images[0].int() - expected).abs().max() <= 3
+    assert torch.equal(images[1], build_resized_tensor(png))
+
+
+def test_device_decoding_falls_back_to_pillow(tmp_path):
+    png = tmp_path / "drawing.png"
+    Image.new("RGB", (30, 20), RED).save(png)
+    broken = tmp_path / "broken.jpg"
+    broken.write_text("not a JPEG")
+    not_jpeg = torch.tensor([1, 2, 3], dtype=torch.uint8)  # bytes decode_jpeg rejects
+
+    images, errors = decode_on_device([not_jpeg, not_jpeg], [png, broken], CONFIG, torch.device("cpu"), ["", ""])
+
+    assert errors[0] == ""
+    assert tuple(images[0][:, 30, 30].tolist()) == RED
+    assert str(broken) in errors[1]
+    assert torch.equal(images[1], torch.zeros(3, 64, 64, dtype=torch.uint8))
+
+
+def test_uint8_items_normalise_like_transform(tmp_path):
+    path = tmp_path / "photo.jpg"
+    gradient_jpeg(path)
+    config = {"image_size": 32, "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225], "interpolation": "bicubic"}
+
+    _, normalised, _ = ImageDataset([FakeSample(path)], config)[0]
+    _, raw, _ = ImageDataset([FakeSample(path)], config, normalize=False)[0]
+
+    assert raw.dtype == torch.uint8
+    assert torch.equal(normalize_batch(raw[None], config)[0], normalised)
+
+
+def test_uint8_item_of_bad_file_is_zeros(tmp_path):
+    bad = tmp_path / "bad.png"
+    bad.write_bytes(b"\x89PNG\r\n\x1a\n broken")
+
+    _, image, error = ImageDataset([FakeSample(bad)], CONFIG, normalize=False)[0]
+
+    assert str(bad) in error
+    assert torch.equal(image, torch.zeros(3, 64, 64, dtype=torch.uint8))

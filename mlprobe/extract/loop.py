@@ -5,6 +5,10 @@ images skipped with ``skip_bad``. Rank r of a torch.distributed run (or of ``wor
 independent processes) handles the shards with i % world_size == r. A rerun keeps every
 shard whose sidecar, checksum, settings and image ids still match and redoes the rest;
 rank 0 writes manifest.json last, once every shard is complete.
+
+A training split can contain V augmented views per image (``views``, see
+``mlprobe.extract.augment``). Every other split, and every split when views is 1, contains
+the single unaugmented view.
 """
 
 from __future__ import annotations
@@ -13,10 +17,9 @@ import contextlib
 import logging
 import os
 import time
-from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
@@ -24,7 +27,8 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from mlprobe import defaults
-from mlprobe.errors import DatasetError, StoreError
+from mlprobe.errors import DatasetError, MlprobeError, StoreError
+from mlprobe.extract.augment import ViewAugmenter
 from mlprobe.extract.backbones import (
     FeatureExtractor,
     create_backbone,
@@ -32,11 +36,17 @@ from mlprobe.extract.backbones import (
     resolve_model_name,
     weights_fingerprint,
 )
-from mlprobe.extract.images import ImageDataset
+from mlprobe.extract.images import (
+    EncodedImageDataset,
+    ImageDataset,
+    collate_encoded,
+    decode_on_device,
+    normalize_batch,
+)
+from mlprobe.extract.shard_router import ShardPlan, ShardRouter
 from mlprobe.features.layout import MANIFEST_NAME, shard_index, store_dir
 from mlprobe.features.manifest import build_manifest, write_manifest
 from mlprobe.features.writer import (
-    ShardWriter,
     array_sha256,
     find_complete_shard,
     read_sidecar,
@@ -46,29 +56,20 @@ from mlprobe.features.writer import (
 
 logger = logging.getLogger(__name__)
 
-VIEWS = 1  # views per image; every image gets the single deterministic view
-MAX_PENDING_WRITES = 4  # batches queued for the writer thread before the loop waits for it
+COMPRESSIONS = (None, "gzip", "lzf")
 
 
-@dataclass
-class ShardPlan:
-    """One shard: its sample range and the sidecar fields a rerun must find unchanged."""
+@dataclass(frozen=True)
+class RunOptions:
+    """Settings of one extraction run that the store does not record."""
 
-    index: int
-    start: int
-    stop: int
-    expected: dict[str, Any]
-
-
-@dataclass
-class ShardProgress:
-    """A shard being written: its writer, skipped images and row counts."""
-
-    plan: ShardPlan
-    writer: ShardWriter
-    started: float  # perf_counter seconds when the previous shard was queued for publishing, or the loop began
-    skipped: list[dict[str, str]] = field(default_factory=list)
-    processed: int = 0
+    device: torch.device
+    batch_size: int  # backbone inputs per forward pass (images x views)
+    workers: int
+    skip_bad: bool
+    progress: bool
+    compression: str | None
+    decode_on_gpu: bool
 
 
 def extract_split(
@@ -88,6 +89,11 @@ def extract_split(
     rank: int = 0,
     world_size: int = 1,
     compression: str | None = defaults.SHARD_COMPRESSION,
+    views: int = defaults.VIEWS,
+    view_seed: int = defaults.VIEW_SEED,
+    training: bool | None = None,
+    decode_on_gpu: bool = False,
+    timings: dict | None = None,
 ) -> Path:
     """Extract pooled stage features of every image of ``split`` into a feature store.
 
@@ -96,17 +102,30 @@ def extract_split(
         model_name: short name or timm name.
         image_size: square input size in pixels; None means the model's pretrained size.
         out_root: root folder of the stores; the store goes to ``store_dir(...)`` under it.
-        batch_size: images per forward pass.
+        batch_size: backbone inputs per forward pass. With V views a batch contains
+            max(1, batch_size // V) images, each with its V views.
         workers: DataLoader processes decoding images (0 decodes in this process).
         shard_size: images of the split per HDF5 shard.
-        device: torch device; None picks cuda when available, else cpu.
+        device: torch device; None picks cuda when available, else cpu. Under torchrun,
+            "cuda" and None mean this rank's GPU, cuda:LOCAL_RANK.
         checkpoint, random_weights: weight source, see ``create_backbone``.
         skip_bad: record unreadable images in the manifest's ``skipped`` and go on,
             instead of raising DatasetError naming the first one.
-        progress: show a progress bar with images per second.
+        progress: show a progress bar with images per second (on rank 0 only).
         rank, world_size: this process's part of the shards; taken from torch.distributed
             when it is initialised.
         compression: HDF5 filter for the feature datasets ("gzip", "lzf") or None.
+        views: V augmented views per image of a training split; 1 stores the single
+            unaugmented view. Features are float16 [n, V, D].
+        view_seed: non-negative base seed of the views; view v of sample index i is seeded
+            by (view_seed, i, v), so resumed and distributed runs store the same views.
+        training: whether the split gets augmented views; None decides by its name
+            (``defaults.TRAINING_SPLIT_NAMES``: train, trainval).
+        decode_on_gpu: decode JPEG files with torchvision.io.decode_jpeg on the CUDA device
+            instead of with Pillow in the loader workers.
+        timings: when given, receives wall seconds of this process: ``setup_s`` (model,
+            fingerprint, shard plan), ``extract_s`` (decoding, forward passes and shard
+            writes), ``merge_s`` (final barrier and manifest), and ``images`` extracted.
 
     Returns:
         The store folder. It contains manifest.json once rank 0 has merged every shard.
@@ -114,17 +133,30 @@ def extract_split(
     Raises:
         DatasetError: empty split, labels of the wrong width, or an unreadable image without ``skip_bad``.
         BackboneError: the model or its weights cannot be loaded.
+        MlprobeError: ``decode_on_gpu`` without a CUDA device.
     """
+    started = time.perf_counter()
     rank, world_size = _distributed_rank(rank, world_size)
     _check_split(split)
-    if shard_size < 1 or batch_size < 1:
-        raise ValueError(f"shard_size and batch_size must be at least 1, got {shard_size} and {batch_size}")
+    _check_settings(shard_size, batch_size, views, view_seed, compression)
+    options = RunOptions(
+        device=_pick_device(device),
+        batch_size=batch_size,
+        workers=workers,
+        skip_bad=skip_bad,
+        progress=progress and rank == 0,
+        compression=compression,
+        decode_on_gpu=decode_on_gpu,
+    )
+    if decode_on_gpu:
+        _check_gpu_decoding(options.device)
 
     timm_name = resolve_model_name(model_name)
     model = create_backbone(timm_name, checkpoint=checkpoint, random_weights=random_weights, image_size=image_size)
     extractor = FeatureExtractor(model)
     preprocessing = data_config(model, image_size)
-    config = _store_config(split, timm_name, model, extractor, preprocessing, shard_size)
+    augmenter = _make_augmenter(split, preprocessing, views, view_seed, training)
+    config = _store_config(split, timm_name, model, extractor, preprocessing, shard_size, augmenter)
 
     directory = store_dir(out_root, split.dataset, timm_name, preprocessing["image_size"], split.split)
     directory.mkdir(parents=True, exist_ok=True)
@@ -136,12 +168,14 @@ def extract_split(
     own_plans = [plan for plan in plans if plan.index % world_size == rank]
     todo = [plan for plan in own_plans if find_complete_shard(directory, plan.index, plan.expected) is None]
     logger.info(
-        "%s %s: %d images, model %s at %d px, %d shards; rank %d of %d keeps %d complete shards, writes %d into %s",
+        "%s %s: %d images, model %s at %d px, %d views, %d shards; "
+        "rank %d of %d keeps %d complete shards, writes %d into %s",
         split.dataset,
         split.split,
         len(split.samples),
         timm_name,
         preprocessing["image_size"],
+        config["views"],
         len(plans),
         rank,
         world_size,
@@ -150,16 +184,22 @@ def extract_split(
         directory,
     )
 
+    extract_started = time.perf_counter()
     if todo:
-        run_device = _pick_device(device)
-        _run_shards(
-            split, todo, directory, extractor, preprocessing, config, run_device, batch_size, workers, skip_bad,
-            progress, compression,
-        )
+        _run_shards(split, todo, directory, extractor, preprocessing, config, augmenter, options)
 
+    merge_started = time.perf_counter()
     _barrier()
     if rank == 0:
         _merge_manifest(directory, config, plans)
+
+    if timings is not None:
+        timings.update(
+            setup_s=extract_started - started,
+            extract_s=merge_started - extract_started,
+            merge_s=time.perf_counter() - merge_started,
+            images=sum(plan.stop - plan.start for plan in todo),
+        )
     return directory
 
 
@@ -193,18 +233,69 @@ def _check_split(split) -> None:
             )
 
 
+def _check_settings(shard_size: int, batch_size: int, views: int, view_seed: int, compression: str | None) -> None:
+    """Raise ValueError for sizes below 1, a negative view seed or an unknown compression."""
+    if shard_size < 1 or batch_size < 1 or views < 1:
+        raise ValueError(
+            f"shard_size, batch_size and views must be at least 1, got {shard_size}, {batch_size} and {views}"
+        )
+    if view_seed < 0:
+        raise ValueError(f"view_seed must be non-negative, got {view_seed}")
+    if compression not in COMPRESSIONS:
+        raise ValueError(f"compression must be one of {COMPRESSIONS}, got {compression!r}")
+
+
 def _pick_device(device: str | None) -> torch.device:
     """Return the requested device, or cuda (this rank's GPU under torchrun) when available, else cpu."""
-    if device is not None:
+    if device is not None and device != "cuda":
         return torch.device(device)
 
-    if torch.cuda.is_available():
+    if device == "cuda" or torch.cuda.is_available():
         return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
     return torch.device("cpu")
 
 
-def _store_config(split, timm_name: str, model, extractor: FeatureExtractor, preprocessing: dict, shard_size: int) -> dict:
-    """Return the settings every shard of the store shares (``manifest.CONFIG_FIELDS``)."""
+def _check_gpu_decoding(device: torch.device) -> None:
+    """Raise MlprobeError unless JPEG decoding can run on a CUDA device."""
+    if device.type == "cuda" and torch.cuda.is_available():
+        return
+
+    reason = "torch.cuda.is_available() is False" if not torch.cuda.is_available() else f"the device is {device}"
+    raise MlprobeError(
+        f"--decode-on-gpu needs a CUDA device, but {reason}; "
+        f"drop --decode-on-gpu to decode images with Pillow on the CPU"
+    )
+
+
+def _make_augmenter(
+    split, preprocessing: dict, views: int, view_seed: int, training: bool | None
+) -> ViewAugmenter | None:
+    """Return the view augmenter of a training split with views > 1, else None (one unaugmented view)."""
+    is_training = split.split in defaults.TRAINING_SPLIT_NAMES if training is None else training
+    if views == 1:
+        return None
+
+    if not is_training:
+        logger.info(
+            "%s %s is not a training split, so it gets the single unaugmented view instead of %d views",
+            split.dataset,
+            split.split,
+            views,
+        )
+        return None
+    return ViewAugmenter(preprocessing, views=views, view_seed=view_seed)
+
+
+def _store_config(
+    split,
+    timm_name: str,
+    model,
+    extractor: FeatureExtractor,
+    preprocessing: dict,
+    shard_size: int,
+    augmenter: ViewAugmenter | None,
+) -> dict:
+    """Return the settings every shard of the store shares: ``manifest.CONFIG_FIELDS`` plus ``augmentation``."""
     return {
         "dataset": split.dataset,
         "split": split.split,
@@ -217,7 +308,8 @@ def _store_config(split, timm_name: str, model, extractor: FeatureExtractor, pre
         "class_names": list(split.class_names),
         "feature_names": list(extractor.feature_names),
         "feature_dims": dict(extractor.feature_dims),
-        "views": VIEWS,
+        "views": 1 if augmenter is None else augmenter.views,
+        "augmentation": None if augmenter is None else augmenter.settings(),
         "shard_size": shard_size,
     }
 
@@ -246,43 +338,39 @@ def _run_shards(
     extractor: FeatureExtractor,
     preprocessing: dict,
     config: dict,
-    device: torch.device,
-    batch_size: int,
-    workers: int,
-    skip_bad: bool,
-    progress: bool,
-    compression: str | None,
+    augmenter: ViewAugmenter | None,
+    options: RunOptions,
 ) -> None:
     """Run the backbone over the samples of ``plans`` and write one shard per plan.
 
-    HDF5 writes run on one background thread, so the next batch decodes and runs while
-    the previous one is written. An exception discards the unfinished shards' temporary
-    files; finished shards and their sidecars stay for the next run.
+    An exception discards the unfinished shards' temporary files; finished shards and
+    their sidecars stay for the next run.
     """
     for plan in plans:
         remove_shard(directory, plan.index)
 
+    device = options.device
     indices = [index for plan in plans for index in range(plan.start, plan.stop)]
-    loader = DataLoader(
-        ImageDataset(split.samples, preprocessing, indices),
-        batch_size=batch_size,
-        shuffle=False,
-        num_workers=workers,
-        pin_memory=device.type == "cuda",
-    )
+    loader = _make_loader(split, indices, preprocessing, augmenter, options)
     extractor.to(device, memory_format=torch.channels_last)
     autocast = (
         torch.autocast(device_type="cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
     )
-    logger.info("running on %s with batch size %d and %d loader workers", device, batch_size, workers)
+    logger.info(
+        "running on %s with %d images x %d views per batch, %d loader workers, decoding JPEGs %s",
+        device,
+        loader.batch_size,
+        config["views"],
+        options.workers,
+        "on the GPU" if options.decode_on_gpu else "with Pillow",
+    )
 
-    router = _ShardRouter(split, plans, directory, config, skip_bad, compression)
+    router = ShardRouter(split, plans, directory, config, options.skip_bad, options.compression)
     started = time.perf_counter()
-    bar = tqdm(total=len(indices), unit="img", desc=f"{split.dataset} {split.split}", disable=not progress)
+    bar = tqdm(total=len(indices), unit="img", desc=f"{split.dataset} {split.split}", disable=not options.progress)
     try:
         with torch.inference_mode(), autocast:
-            for batch_indices, images, errors in loader:
-                sample_indices, errors = batch_indices.tolist(), list(errors)
+            for sample_indices, images, errors in _batches(loader, split, preprocessing, augmenter, options):
                 router.check_errors(sample_indices, errors)
 
                 features = _forward_good_rows(extractor, images, errors, device)
@@ -299,163 +387,82 @@ def _run_shards(
     logger.info("extracted %d images in %.1f s (%.1f images/s)", len(indices), elapsed, len(indices) / max(elapsed, 1e-9))
 
 
+def _make_loader(
+    split, indices: list[int], preprocessing: dict, augmenter: ViewAugmenter | None, options: RunOptions
+) -> DataLoader:
+    """Return the DataLoader over ``indices``: decoded images, or file bytes with ``decode_on_gpu``."""
+    views = 1 if augmenter is None else augmenter.views
+    images_per_batch = max(1, options.batch_size // views)
+    if options.decode_on_gpu:
+        dataset = EncodedImageDataset(split.samples, preprocessing, indices)
+        collate = collate_encoded
+    else:
+        dataset = ImageDataset(split.samples, preprocessing, indices, augmenter=augmenter, normalize=False)
+        collate = None
+
+    return DataLoader(
+        dataset,
+        batch_size=images_per_batch,
+        shuffle=False,
+        num_workers=options.workers,
+        pin_memory=options.device.type == "cuda" and not options.decode_on_gpu,
+        collate_fn=collate,
+    )
+
+
+def _batches(
+    loader: DataLoader, split, preprocessing: dict, augmenter: ViewAugmenter | None, options: RunOptions
+) -> Iterator[tuple[list[int], torch.Tensor, list[str]]]:
+    """Yield (sample indices [B], float32 images [B, V, 3, S, S], B error strings) per loader batch.
+
+    Unaugmented images arrive as uint8 and are normalised on the device; augmented views
+    arrive normalised, because Cutout fills its hole after normalisation.
+    """
+    if not options.decode_on_gpu:
+        for batch_indices, images, errors in loader:
+            if images.dtype == torch.uint8:
+                images = images.to(options.device, non_blocking=True)
+                images = normalize_batch(images, preprocessing).unsqueeze(1)
+            yield batch_indices.tolist(), images, list(errors)
+        return
+
+    # NOTE: this branch has not been run on a GPU. extract_split requires CUDA for it, and
+    # the tests run it with device "cpu", where decode_jpeg uses libjpeg instead of nvJPEG.
+    for batch_indices, payloads, errors in loader:
+        indices = batch_indices.tolist()
+        paths = [split.samples[index].path for index in indices]
+        images, errors = decode_on_device(payloads, paths, preprocessing, options.device, errors)
+        if augmenter is None:
+            views = normalize_batch(images, preprocessing).unsqueeze(1)
+        else:
+            views = torch.stack([augmenter(image, index) for image, index in zip(images, indices)])
+        yield indices, views, errors
+
+
 def _forward_good_rows(
     extractor: FeatureExtractor, images: torch.Tensor, errors: list[str], device: torch.device
 ) -> dict[str, np.ndarray]:
-    """Run the backbone on the readable images of a batch.
+    """Run the backbone on every view of the readable images of a batch.
+
+    Args:
+        images: float32 [B, V, 3, S, S] on any device.
+        errors: B strings; rows with a non-empty error are left out.
 
     Returns:
-        name -> float16 [g, 1, D] for the g rows whose error is empty, in batch order.
+        name -> float16 [g, V, D] for the g rows whose error is empty, in batch order.
     """
+    views = images.shape[1]
     good = torch.tensor([not error for error in errors], dtype=torch.bool)
     if not bool(good.any()):
-        return {name: np.zeros((0, VIEWS, dim), dtype=np.float16) for name, dim in extractor.feature_dims.items()}
+        return {name: np.zeros((0, views, dim), dtype=np.float16) for name, dim in extractor.feature_dims.items()}
 
-    batch = images[good] if not bool(good.all()) else images
-    batch = batch.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
+    batch = images[good.to(images.device)] if not bool(good.all()) else images
+    rows = batch.shape[0]
+    batch = batch.flatten(0, 1).to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
     outputs = extractor(batch)
-    return {name: value.float().cpu().numpy().astype(np.float16)[:, None, :] for name, value in outputs.items()}
-
-
-class _ShardRouter:
-    """Send each batch's rows to the shards they belong to, on a single writer thread.
-
-    Batches arrive in sample order, so a shard is complete when its last sample has passed.
-    """
-
-    def __init__(self, split, plans: list[ShardPlan], directory: Path, config: dict, skip_bad: bool, compression):
-        self.split = split
-        self.plans = plans
-        self.directory = directory
-        self.config = config
-        self.skip_bad = skip_bad
-        self.compression = compression
-        self.position = 0  # index in plans of the shard receiving rows
-        self.current: ShardProgress | None = None
-        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="shard-writer")
-        self.pending: list[Future] = []
-        self.failed = False  # set on the writer thread when a write raised
-        self.last_boundary = time.perf_counter()
-        self.open_writers: list[ShardWriter] = []
-
-    def add_batch(self, indices: list[int], features: dict[str, np.ndarray], errors: list[str]) -> None:
-        """Route one batch: ``indices`` [b] sample indices, ``features`` rows of the readable images, ``errors`` [b]."""
-        good_row = 0
-        batch_start = 0
-        while batch_start < len(indices):
-            shard = self._shard_for(indices[batch_start])
-            batch_stop = batch_start
-            while batch_stop < len(indices) and indices[batch_stop] < shard.plan.stop:
-                batch_stop += 1
-
-            rows = range(batch_start, batch_stop)
-            good = [row for row in rows if not errors[row]]
-            for row in rows:
-                if errors[row]:
-                    sample = self.split.samples[indices[row]]
-                    shard.skipped.append({"image_id": sample.image_id, "path": str(sample.path), "reason": errors[row]})
-
-            self._append(shard, [indices[row] for row in good], features, good_row, good_row + len(good))
-            good_row += len(good)
-            shard.processed += batch_stop - batch_start
-            if shard.processed == shard.plan.stop - shard.plan.start:
-                self._finish(shard)
-            batch_start = batch_stop
-
-    def check_errors(self, indices: list[int], errors: list[str]) -> None:
-        """Raise the first unreadable image's DatasetError, or log each one when skipping."""
-        for index, error in zip(indices, errors):
-            if not error:
-                continue
-            if not self.skip_bad:
-                raise DatasetError(error)
-            logger.warning("skipping image %s: %s", self.split.samples[index].image_id, error)
-
-    def _shard_for(self, index: int) -> ShardProgress:
-        """Return the shard receiving sample ``index``, opening its writer on first use."""
-        if self.current is not None and index < self.current.plan.stop:
-            return self.current
-
-        plan = self.plans[self.position]
-        self.position += 1
-        if not plan.start <= index < plan.stop:
-            raise RuntimeError(f"sample {index} arrived outside shard {plan.index} ({plan.start}..{plan.stop - 1})")
-
-        writer = ShardWriter(
-            self.directory,
-            plan.index,
-            feature_dims=self.config["feature_dims"],
-            views=VIEWS,
-            num_classes=len(self.config["class_names"]),
-            compression=self.compression,
-        )
-        self.open_writers.append(writer)
-        self._submit(writer.open)
-        self.current = ShardProgress(plan, writer, started=self.last_boundary)
-        return self.current
-
-    def _append(self, shard: ShardProgress, sample_indices: list[int], features: dict, first: int, stop: int) -> None:
-        if not sample_indices:
-            return
-
-        rows = {name: values[first:stop] for name, values in features.items()}
-        samples = [self.split.samples[index] for index in sample_indices]
-        labels = np.stack([sample.labels for sample in samples]).astype(np.int8)
-        image_ids = [sample.image_id for sample in samples]
-        self._submit(shard.writer.append, rows, labels, image_ids)
-
-    def _finish(self, shard: ShardProgress) -> None:
-        fields = {**shard.plan.expected, "skipped": shard.skipped}
-        self._submit(self._finish_shard, shard, fields)
-        self.current = None
-        self.last_boundary = time.perf_counter()
-
-    def _finish_shard(self, shard: ShardProgress, fields: dict) -> None:
-        """Publish a shard and log its timing; runs on the writer thread."""
-        sidecar = shard.writer.finish(fields)
-        self.open_writers.remove(shard.writer)
-        elapsed = time.perf_counter() - shard.started
-        images = shard.plan.stop - shard.plan.start
-        logger.info(
-            "shard %d (images %d..%d): %d rows, %d skipped, %.1f s, %.1f images/s",
-            shard.plan.index,
-            shard.plan.start,
-            shard.plan.stop - 1,
-            sidecar["rows"],
-            len(shard.skipped),
-            elapsed,
-            images / max(elapsed, 1e-9),
-        )
-
-    def _submit(self, function, *args) -> None:
-        """Queue a call on the writer thread; wait for the oldest when too many are queued."""
-        self.pending.append(self.executor.submit(self._run_unless_failed, function, *args))
-        while len(self.pending) > MAX_PENDING_WRITES:
-            self.pending.pop(0).result()
-
-    def _run_unless_failed(self, function, *args) -> None:
-        """Run a queued call unless an earlier one failed, so a shard missing rows is never published."""
-        if self.failed:
-            return
-        try:
-            function(*args)
-        except BaseException:
-            self.failed = True
-            raise
-
-    def wait(self) -> None:
-        """Wait for every queued write and stop the writer thread; raises the first write error."""
-        for future in self.pending:
-            future.result()
-        self.pending.clear()
-        self.executor.shutdown(wait=True)
-
-    def abort(self) -> None:
-        """Drop queued writes and delete the temporary files of unfinished shards."""
-        self.executor.shutdown(wait=True, cancel_futures=True)
-        for writer in list(self.open_writers):
-            writer.abort()
-        self.open_writers.clear()
+    return {
+        name: value.float().cpu().numpy().astype(np.float16).reshape(rows, views, -1) for name, value in outputs.items()
+    }
 
 
 def _merge_manifest(directory: Path, config: dict, plans: list[ShardPlan]) -> None:
@@ -474,6 +481,9 @@ def _merge_manifest(directory: Path, config: dict, plans: list[ShardPlan]) -> No
 
     _remove_extra_shards(directory, len(plans))
     manifest = build_manifest(config, shards, skipped)
+    # build_manifest keeps the CONFIG_FIELDS only; the augmentation settings (None for a
+    # store of unaugmented views) are an extra field that readers may ignore.
+    manifest["augmentation"] = config["augmentation"]
     write_manifest(directory, manifest)
     if skipped:
         logger.warning("%d unreadable images were skipped; the manifest lists them under 'skipped'", len(skipped))
