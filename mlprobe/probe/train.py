@@ -444,6 +444,8 @@ def _load_resident(train, val, test, names, difficult, device, memory) -> dict[s
     if memory["mode"] != "resident":
         return {}
     loaded = {"train": _read_all(train, names, difficult, device, view=None)}
+    # NOTE: validation rows come from the training store, so with augmented views
+    # their view 0 is augmented too; test rows always have the plain view.
     if val is not None:
         loaded["val"] = _read_all(val, names, difficult, device, view=0)
     loaded["test"] = _read_all(test, names, difficult, device, view=0)
