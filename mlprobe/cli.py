@@ -5,6 +5,7 @@ Distributed extraction runs the same module under torchrun, for example
 ``torchrun --nproc-per-node 2 -m mlprobe.cli extract ...``.
 """
 
+import contextlib
 import logging
 import sys
 import time
@@ -13,7 +14,7 @@ from pathlib import Path
 import click
 
 from mlprobe import defaults
-from mlprobe.errors import MlprobeError
+from mlprobe.errors import MlprobeError, StoreError
 
 logger = logging.getLogger("mlprobe")
 
@@ -191,13 +192,15 @@ def extract_command(dataset, root, splits, model, image_size, out, checkpoint, r
     """
     from tqdm.contrib.logging import logging_redirect_tqdm
 
-    from mlprobe.extract.datasets import load_split
+    from mlprobe.extract.datasets import load_splits
     from mlprobe.extract.distributed import distributed_from_environment
     from mlprobe.extract.loop import extract_split
+    from mlprobe.features import FeatureStore
 
-    with distributed_from_environment() as (rank, world_size), logging_redirect_tqdm():
-        for split_name in splits or defaults.TRAIN_TEST_SPLITS[dataset]:
-            split = load_split(dataset, root, split_name, classes_file=classes_file)
+    loaded = load_splits(dataset, root, splits or list(defaults.TRAIN_TEST_SPLITS[dataset]), classes_file=classes_file)
+    with distributed_from_environment() as (rank, world_size), logging_redirect_tqdm(), resume_hint_on_interrupt():
+        for split in loaded:
+            split_name = split.split
             store = extract_split(
                 split,
                 model_name=model,
@@ -220,7 +223,20 @@ def extract_command(dataset, root, splits, model, image_size, out, checkpoint, r
                 decode_on_gpu=decode_on_gpu,
             )
             if rank == 0:
-                click.echo(f"{dataset} {split_name}: {len(split.samples)} images -> {store}")
+                stored = FeatureStore.open(store, verify=False)
+                skipped = f" ({len(stored.skipped)} unreadable skipped)" if stored.skipped else ""
+                click.echo(f"{dataset} {split_name}: {stored.num_images} images{skipped} -> {store}")
+
+
+@contextlib.contextmanager
+def resume_hint_on_interrupt():
+    """Turn Ctrl-C during extraction into a one-line message that says how to resume."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        logger.warning("extraction interrupted")
+        click.echo("Interrupted: complete shards are kept; run the same command again to resume.", err=True)
+        sys.exit(130)
 
 
 def probe_options(command):
@@ -300,13 +316,20 @@ def store_pairs(features, dataset, models, image_size, train_split, test_split):
     pairs = []
     for model in models:
         timm_name = resolve_model_name(model)
-        pairs.append(
-            (
-                store_dir(features, dataset, timm_name, image_size, train_split),
-                store_dir(features, dataset, timm_name, image_size, test_split),
-            )
-        )
+        pair = tuple(store_dir(features, dataset, timm_name, image_size, split) for split in (train_split, test_split))
+        for path in pair:
+            if not path.is_dir():
+                raise StoreError(f"feature store {path} not found; stores under {Path(features) / dataset}: "
+                                 f"{available_stores(Path(features) / dataset)}; check --model, --image-size "
+                                 "and the splits, or run `mlprobe extract`")
+        pairs.append(pair)
     return pairs
+
+
+def available_stores(dataset_folder):
+    """Return the "model-size/split" names of the complete stores in a dataset's folder, or "none"."""
+    names = sorted(str(manifest.parent.relative_to(dataset_folder)) for manifest in dataset_folder.glob("*/*/manifest.json"))
+    return ", ".join(names) or "none"
 
 
 @cli.command("probe")
@@ -342,7 +365,7 @@ def probe_command(features, dataset, models, image_size, train_split, test_split
 @probe_options
 def demo_command(data, out, layout, batch_size, workers, device, progress, **sweep):
     """Build the digit mosaics, extract tf_efficientnet_lite0 features and probe them."""
-    from mlprobe.extract.datasets import load_split
+    from mlprobe.extract.datasets import load_splits
     from mlprobe.extract.demo_data import build_demo_data
     from mlprobe.extract.loop import extract_split
 
@@ -351,8 +374,7 @@ def demo_command(data, out, layout, batch_size, workers, device, progress, **swe
     features = out / "features"
 
     stores = []
-    for split_name in defaults.TRAIN_TEST_SPLITS[layout]:
-        split = load_split(layout, root, split_name)
+    for split in load_splits(layout, root, list(defaults.TRAIN_TEST_SPLITS[layout])):
         stores.append(
             extract_split(
                 split,

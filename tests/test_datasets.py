@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 
 from mlprobe.errors import DatasetError
-from mlprobe.extract.datasets import DATASETS, load_split
+from mlprobe.extract.datasets import DATASETS, load_split, load_splits
 from mlprobe.extract.demo_data import DEMO_CLASS_NAMES, build_demo_data
 
 
@@ -321,3 +321,24 @@ def test_csv_wrong_header(tmp_path):
 def test_csv_missing_file(tmp_path):
     with pytest.raises(DatasetError, match=r"CSV file .*test.csv for split 'test' not found"):
         load_split("csv", tmp_path, "test")
+
+
+def test_splits_with_different_classes_rejected(tmp_path):
+    write_csv_dataset(tmp_path, ["a.jpg,dog;cat", "b.jpg,dog"], ["a.jpg", "b.jpg"])
+    (tmp_path / "test.csv").write_text("image,labels\nb.jpg,dog\n")
+
+    with pytest.raises(DatasetError) as raised:
+        load_splits("csv", tmp_path, ["train", "test"])
+
+    assert "'cat'" in str(raised.value)
+    assert "classes.txt" in str(raised.value)
+
+
+def test_splits_share_classes_file(tmp_path):
+    write_csv_dataset(tmp_path, ["a.jpg,dog;cat", "b.jpg,dog"], ["a.jpg", "b.jpg"], classes=["cat", "dog"])
+    (tmp_path / "test.csv").write_text("image,labels\nb.jpg,dog\n")
+
+    train, test = load_splits("csv", tmp_path, ["train", "test"])
+
+    assert train.class_names == test.class_names == ["cat", "dog"]
+    assert test.samples[0].labels.tolist() == [-1, 1]

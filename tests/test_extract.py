@@ -189,6 +189,7 @@ def test_corrupt_image_stops_without_partial_shard(tmp_path):
 
     directory = tmp_path / "features" / "toy" / f"{MODEL}-{IMAGE_SIZE}" / "train"
     assert str(bad) in str(raised.value)
+    assert "--skip-bad" in str(raised.value)
     assert sorted(path.name for path in directory.iterdir()) == [shard_name(0), sidecar_name(0)]
 
 
@@ -225,6 +226,7 @@ def test_skip_bad_records_image_and_aligns_labels(reference, tmp_path):
     assert store.skipped[0]["image_id"] == bad.image_id
     assert store.skipped[0]["path"] == str(bad.path)
     assert str(bad.path) in store.skipped[0]["reason"]
+    assert "--skip-bad" not in store.skipped[0]["reason"]
     assert store.read_image_ids() == [stored["image_ids"][row] for row in kept_rows]
     assert np.array_equal(store.read_labels(), stored["labels"][kept_rows])
     # Rows after the skipped image come from other batches than in the reference run, so

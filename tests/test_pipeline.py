@@ -129,3 +129,26 @@ def test_cli_reports_missing_root_in_one_line(tmp_path):
     assert result.exit_code == 1
     assert "Traceback" not in result.output
     assert str(tmp_path / "absent") in result.output
+
+
+def test_cli_predict_rejects_non_head_file(tmp_path):
+    not_a_head = tmp_path / "weights.pt"
+    torch.save({"weight": torch.zeros(2)}, not_a_head)
+    image = tmp_path / "image.png"
+    image.write_bytes(b"")
+
+    result = CliRunner().invoke(cli, ["predict", "--head", str(not_a_head), str(image)])
+
+    assert result.exit_code == 1
+    assert "Traceback" not in result.output
+    assert "is not a head weight file" in result.output
+
+
+def test_cli_probe_lists_existing_stores(demo, tmp_path):
+    result = CliRunner().invoke(cli, ["probe", "--features", str(demo["root"] / "features"), "--dataset", "voc2007",
+                                      "--model", MODEL, "--image-size", "999", "--out", str(tmp_path)])
+
+    assert result.exit_code == 1
+    assert f"{MODEL}-999" in result.output
+    assert f"{MODEL}-{IMAGE_SIZE}/trainval" in result.output
+    assert not any(tmp_path.iterdir())

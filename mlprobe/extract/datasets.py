@@ -112,6 +112,29 @@ def load_split(dataset: str, root: Path, split: str, *, classes_file: Path | Non
     return result
 
 
+
+def load_splits(dataset: str, root: Path, splits: list[str], *, classes_file: Path | None = None) -> list[Split]:
+    """Read several splits with load_split and check that they share one class list.
+
+    Every split is read before any work starts, so a missing or empty split is
+    reported at once rather than after the others were extracted.
+
+    Raises:
+        DatasetError: as load_split, or when two splits have different class lists.
+    """
+    loaded = [load_split(dataset, root, split, classes_file=classes_file) for split in splits]
+
+    first = loaded[0]
+    for split in loaded[1:]:
+        if split.class_names != first.class_names:
+            differing = sorted(set(first.class_names) ^ set(split.class_names)) or "same names, other order"
+            raise DatasetError(
+                f"splits {first.split!r} and {split.split!r} of {root} have different class lists "
+                f"(differing: {differing}); write one class name per line into {Path(root) / 'classes.txt'} "
+                "or pass --classes FILE"
+            )
+    return loaded
+
 def _download_hint(dataset: str, root: Path) -> str:
     """Return the clause that points to `mlprobe download` for datasets it can fetch."""
     if dataset == "csv":

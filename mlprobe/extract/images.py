@@ -68,7 +68,7 @@ def load_image(path: Path, *, min_size: int | None = None) -> Image.Image:
             image = _decode(Path(path), min_size)
     except READ_ERRORS as error:
         raise DatasetError(
-            f"cannot read image {path}: {error}; replace or delete the file, or pass --skip-bad to record it and go on"
+            f"cannot read image {path}: {error}; replace or delete the file"
         ) from error
 
     image = _apply_exif_orientation(image, path)

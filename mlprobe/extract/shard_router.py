@@ -96,7 +96,7 @@ class ShardRouter:
             if not error:
                 continue
             if not self.skip_bad:
-                raise DatasetError(error)
+                raise DatasetError(f"{error}, or pass --skip-bad to record it in the manifest and go on")
             logger.warning("skipping image %s: %s", self.split.samples[index].image_id, error)
 
     def _shard_for(self, index: int) -> ShardProgress:

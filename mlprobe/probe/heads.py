@@ -30,11 +30,14 @@ from __future__ import annotations
 
 import logging
 import math
+import pickle
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
+
+from mlprobe.errors import MlprobeError
 
 logger = logging.getLogger(__name__)
 
@@ -439,8 +442,19 @@ def save_head(head: Head, path: Path, *, feature_dims: dict[str, int], extra: di
 
 
 def load_head(path: Path) -> tuple[Head, dict]:
-    """Load a head written by save_head; return the module (CPU, eval mode) and its metadata."""
-    payload = torch.load(path, map_location="cpu", weights_only=True)
+    """Load a head written by save_head; return the module (CPU, eval mode) and its metadata.
+
+    Raises MlprobeError when the file is not a head written by save_head.
+    """
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError) as error:
+        logger.debug("torch.load failed on %s", path, exc_info=True)
+        raise MlprobeError(
+            f"{path} is not a head weight file written by `mlprobe probe` (torch.load raised {type(error).__name__})"
+        ) from error
+    if not isinstance(payload, dict) or not {"head", "feature_dims", "state_dict"} <= payload.keys():
+        raise MlprobeError(f"{path} is not a head weight file written by `mlprobe probe` (heads/*.pt in its output)")
     description = payload["head"]
     head = build_head(
         description["kind"],
