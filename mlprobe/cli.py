@@ -230,7 +230,7 @@ def extract_command(dataset, root, splits, model, image_size, out, checkpoint, r
 
 @contextlib.contextmanager
 def resume_hint_on_interrupt():
-    """Turn Ctrl-C during extraction into a one-line message that says how to resume."""
+    """Turn Ctrl-C during extraction into a one-line message on how to resume."""
     try:
         yield
     except KeyboardInterrupt:

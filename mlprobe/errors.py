@@ -2,7 +2,7 @@
 
 
 class MlprobeError(Exception):
-    """Invalid input or state that the user can fix; the message says how."""
+    """Invalid input or state that the user can fix. The message names the fix."""
 
 
 class DatasetError(MlprobeError):
