@@ -99,19 +99,19 @@ def build_grid(
 
     for head in heads:
         if head not in HEAD_KINDS:
-            raise MlprobeError(f"heads: unknown head kind {head!r}; choose from {', '.join(HEAD_KINDS)}")
+            raise MlprobeError(f"{_label('heads')}: unknown head kind {head!r}; choose from {', '.join(HEAD_KINDS)}")
     for normalization in normalizations:
         if normalization not in NORMALIZATIONS:
-            raise MlprobeError(f"normalizations: unknown value {normalization!r}; choose from {', '.join(NORMALIZATIONS)}")
+            raise MlprobeError(f"{_label('normalizations')}: unknown value {normalization!r}; choose from {', '.join(NORMALIZATIONS)}")
     for lr in lrs:
         if not (lr > 0 and math.isfinite(lr)):
-            raise MlprobeError(f"lrs: learning rate {lr} is invalid; use positive numbers such as 0.1")
+            raise MlprobeError(f"{_label('lrs')}: learning rate {lr} is invalid; use positive numbers such as 0.1")
     for decay in weight_decays:
         if not (decay >= 0 and math.isfinite(decay)):
-            raise MlprobeError(f"weight_decays: {decay} is invalid; use 0 or positive numbers")
+            raise MlprobeError(f"{_label('weight_decays')}: {decay} is invalid; use 0 or positive numbers")
     for seed in seeds:
         if seed < 0:
-            raise MlprobeError(f"seeds: {seed} is invalid; use non-negative integers")
+            raise MlprobeError(f"{_label('seeds')}: {seed} is invalid; use non-negative integers")
 
     configs = []
     for head in heads:
@@ -122,15 +122,26 @@ def build_grid(
     return configs
 
 
+# The command-line option that sets each argument of build_grid, for error messages.
+OPTIONS = {"heads": "--head", "wheres": "--where", "seeds": "--seed", "lrs": "--lr",
+           "weight_decays": "--weight-decay", "normalizations": "--normalization"}
+
+
+def _label(argument: str) -> str:
+    return f"{argument} ({OPTIONS[argument]})"
+
+
 def _unique(argument: str, values) -> list:
     values = list(values)
     if not values:
-        raise MlprobeError(f"{argument}: empty list; give at least one value")
+        raise MlprobeError(f"{_label(argument)}: empty list; give at least one value")
     return list(dict.fromkeys(values))
 
 
 def _validate_wheres(wheres: list[int] | None, stages: list[int], heads: list[str]) -> list[int]:
     if not any(head in STAGE_HEADS for head in heads):
+        if wheres:
+            logger.warning("wheres %s ignored: only %s heads take a stage", wheres, " and ".join(STAGE_HEADS))
         return []
     if not stages:
         raise MlprobeError(f"the store contains no stage features, so {' and '.join(STAGE_HEADS)} heads cannot run; remove them from heads")
@@ -140,5 +151,5 @@ def _validate_wheres(wheres: list[int] | None, stages: list[int], heads: list[st
     wheres = _unique("wheres", [int(where) for where in wheres])
     for where in wheres:
         if where not in stages:
-            raise MlprobeError(f"wheres: stage {where} is not in the store; available stages: {stages}")
+            raise MlprobeError(f"{_label('wheres')}: stage {where} is not in the store; available stages: {stages}")
     return wheres
