@@ -348,10 +348,13 @@ def available_stores(dataset_folder):
 def probe_command(features, dataset, models, image_size, train_split, test_split, out, device, progress,
                   **sweep):
     """Train every head of the sweep on cached features and report mAP, CF1 and OF1."""
+    from tqdm.contrib.logging import logging_redirect_tqdm
+
     default_train, default_test = defaults.TRAIN_TEST_SPLITS[dataset]
     pairs = store_pairs(features, dataset, models, image_size, train_split or default_train,
                         test_split or default_test)
-    run_sweep(pairs, out, sweep, device, progress)
+    with logging_redirect_tqdm():
+        run_sweep(pairs, out, sweep, device, progress)
 
 
 @cli.command("demo")
@@ -365,6 +368,14 @@ def probe_command(features, dataset, models, image_size, train_split, test_split
 @probe_options
 def demo_command(data, out, layout, batch_size, workers, device, progress, **sweep):
     """Build the digit mosaics, extract tf_efficientnet_lite0 features and probe them."""
+    from tqdm.contrib.logging import logging_redirect_tqdm
+
+    with logging_redirect_tqdm():
+        run_demo(data, out, layout, batch_size, workers, device, progress, sweep)
+
+
+def run_demo(data, out, layout, batch_size, workers, device, progress, sweep):
+    """Build the demo data, extract its train and test stores, and run the sweep on them."""
     from mlprobe.extract.datasets import load_splits
     from mlprobe.extract.demo_data import build_demo_data
     from mlprobe.extract.loop import extract_split
