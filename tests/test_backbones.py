@@ -243,3 +243,13 @@ def test_fingerprint_changes_with_one_weight():
 
     assert weights_fingerprint(model) != before
     assert len(before) == 64
+
+
+def test_random_weights_repeat_across_calls():
+    before = torch.random.get_rng_state()
+
+    first = create_backbone("resnet10t", random_weights=True)
+    second = create_backbone("resnet10t", random_weights=True)
+
+    assert weights_fingerprint(first) == weights_fingerprint(second)
+    assert torch.equal(torch.random.get_rng_state(), before)

@@ -152,3 +152,20 @@ def test_cli_probe_lists_existing_stores(demo, tmp_path):
     assert f"{MODEL}-999" in result.output
     assert f"{MODEL}-{IMAGE_SIZE}/trainval" in result.output
     assert not any(tmp_path.iterdir())
+
+
+def test_probe_two_models_side_by_side(demo, tmp_path):
+    split = load_split("voc2007", demo["summary"]["voc_root"], "trainval")
+    test_split = load_split("voc2007", demo["summary"]["voc_root"], "test")
+    other = [extract_split(item, model_name="resnet10t", image_size=IMAGE_SIZE, out_root=tmp_path / "features",
+                           batch_size=16, workers=0, shard_size=64, random_weights=True, progress=False)
+             for item in (split, test_split)]
+    stores = demo["stores"]
+
+    rows = run_probe([(stores["voc2007", "train"], stores["voc2007", "test"]), tuple(other)], tmp_path / "run",
+                     **{**SWEEP, "heads": ["linear"]})
+
+    assert sorted(row["model"] for row in rows) == ["resnet10t", MODEL]
+    with open(tmp_path / "run" / "results.csv", newline="") as file:
+        assert sorted(row["model"] for row in csv.DictReader(file)) == ["resnet10t", MODEL]
+    assert len(list((tmp_path / "run" / "heads").glob("*.pt"))) == 2

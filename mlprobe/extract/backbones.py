@@ -23,6 +23,8 @@ from mlprobe.errors import BackboneError
 
 logger = logging.getLogger(__name__)
 
+RANDOM_WEIGHTS_SEED = 0  # seed of --random-weights, the same for every split and rank
+
 # Short names of the reference backbones, mapped to current timm names. "resnet50" and
 # "resnet101" mean BiT-M ResNet-V2 x3 models trained on ImageNet-21k, not timm's
 # ImageNet-1k "resnet50"; use a tagged name such as "resnet50.a1_in1k" for that one.
@@ -101,7 +103,7 @@ def create_backbone(
         name: short name or timm name.
         checkpoint: state dict file (torch.save or .safetensors), or a dict holding it under
             "state_dict" or "model"; "module." prefixes are stripped.
-        random_weights: use random initialisation (smoke tests only).
+        random_weights: use random initialisation from a fixed seed (smoke tests only).
         image_size: input size; passed to timm as img_size for models with a fixed input size.
 
     Raises:
@@ -120,8 +122,12 @@ def create_backbone(
         _load_checkpoint(model, Path(checkpoint), timm_name)
         source = str(checkpoint)
     elif random_weights:
-        model = _create_model(timm_name, pretrained=False, **kwargs)
-        source = "random initialisation"
+        # A fixed seed gives every split and every rank the same random backbone,
+        # so their stores stay compatible; the global RNG state is left untouched.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(RANDOM_WEIGHTS_SEED)
+            model = _create_model(timm_name, pretrained=False, **kwargs)
+        source = f"random initialisation (seed {RANDOM_WEIGHTS_SEED})"
         logger.warning("%s uses random weights: its features only serve smoke tests", timm_name)
     elif timm_name in PACKAGE_WEIGHTS_MODELS:
         model = _create_model(timm_name, pretrained=False, **kwargs)
