@@ -4,10 +4,10 @@ Every figure comes from one run on one machine, side by side, on the demo
 data's tf_efficientnet_lite0 features (default 4,000 training and 1,000 test
 images at the demo image size):
 
-1. joint: a 24-head sweep (linear, layover at the middle stage, concat at the
-   middle stage and all-stages, each at 3 learning rates and 2 weight decays)
-   trained in one pass, against the same 24 heads trained one after another
-   by the same trainer.
+1. joint: a 24-head sweep trained in one pass, against the same 24 heads
+   trained one after another by the same trainer. The heads are linear,
+   layover and concat at the middle stage, and all-stages, each at 3
+   learning rates and 2 weight decays.
 2. sklearn: one linear probe on the final feature with the reference settings
    (epoch chosen on validation) against scikit-learn's one-vs-rest
    LogisticRegression (C = 0.1, standardised features) on the same training

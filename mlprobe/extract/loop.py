@@ -3,8 +3,8 @@
 Shard i contains the split's samples [i * shard_size, (i + 1) * shard_size), less unreadable
 images skipped with ``skip_bad``. Rank r of a torch.distributed run (or of ``world_size``
 independent processes) handles the shards with i % world_size == r. A rerun keeps every
-shard whose sidecar, checksum, settings and image ids still match and redoes the rest;
-rank 0 writes manifest.json last, once every shard is complete.
+shard whose sidecar, checksum, settings and image ids still match, and redoes the rest.
+Rank 0 writes manifest.json last, once every shard is complete.
 
 A training split can contain V augmented views per image (``views``, see
 ``mlprobe.extract.augment``). Every other split, and every split when views is 1, contains
@@ -117,7 +117,7 @@ def extract_split(
         compression: HDF5 filter for the feature datasets ("gzip", "lzf") or None.
         views: V augmented views per image of a training split; 1 stores the single
             unaugmented view. Features are float16 [n, V, D].
-        view_seed: non-negative base seed of the views; view v of sample index i is seeded
+        view_seed: non-negative base seed of the views. View v of sample index i is seeded
             by (view_seed, i, v), so resumed and distributed runs store the same views.
         training: whether the split gets augmented views; None decides by its name
             (``defaults.TRAINING_SPLIT_NAMES``: train, trainval).

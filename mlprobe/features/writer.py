@@ -74,7 +74,7 @@ class ShardWriter:
         views: V, the views per image.
         num_classes: K, the label columns.
         compression: HDF5 filter for the feature datasets ("gzip", "lzf") or None.
-        max_rows: the most rows the shard will get, if known. It caps the HDF5
+        max_rows: the maximum number of rows the shard will get, if known. It caps the HDF5
             chunk rows, because HDF5 allocates whole chunks and a small shard
             would otherwise take a full chunk of disk per feature.
     """
