@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 from bench import extraction, probe
+from mlprobe.files import write_atomic
 
 logger = logging.getLogger("bench")
 
@@ -77,9 +78,7 @@ def update_benchmarks(text: str) -> None:
     else:
         updated = current.rstrip("\n") + "\n\n" + text
 
-    temporary = BENCHMARKS.with_name(BENCHMARKS.name + ".tmp")
-    temporary.write_text(updated)
-    temporary.replace(BENCHMARKS)
+    write_atomic(BENCHMARKS, updated.encode())
 
 
 def main() -> None:
@@ -94,9 +93,7 @@ def main() -> None:
     logger.info("extraction benchmark: start")
     results["extraction"] = extraction.run(WORK / "extraction")
 
-    temporary = RESULTS.with_name(RESULTS.name + ".tmp")
-    temporary.write_text(json.dumps(results, indent=2) + "\n")
-    temporary.replace(RESULTS)
+    write_atomic(RESULTS, (json.dumps(results, indent=2) + "\n").encode())
     text = section(results)
     update_benchmarks(text)
     print(text)

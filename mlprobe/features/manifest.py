@@ -20,14 +20,13 @@ from __future__ import annotations
 import datetime
 import json
 import logging
-import os
 import platform
-import tempfile
 from pathlib import Path
 from typing import Any
 
 from mlprobe import defaults
 from mlprobe.errors import StoreError
+from mlprobe.files import write_atomic
 from mlprobe.features.layout import MANIFEST_NAME
 
 logger = logging.getLogger(__name__)
@@ -196,20 +195,7 @@ def read_manifest(directory: Path) -> dict[str, Any]:
 
 def write_json_atomic(path: Path, data: Any) -> None:
     """Write ``data`` as JSON to a temporary file next to ``path``, flush it to disk, then rename it."""
-    path = Path(path)
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(handle, "w", encoding="utf-8") as file:
-            json.dump(data, file, indent=2)
-            file.write("\n")
-            file.flush()
-            os.fsync(file.fileno())
-        # mkstemp creates the file readable by its owner only; give it the usual mode.
-        os.chmod(temporary, 0o644)
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
+    write_atomic(Path(path), (json.dumps(data, indent=2) + "\n").encode("utf-8"))
 
 
 def write_manifest(directory: Path, manifest: dict[str, Any]) -> Path:

@@ -28,6 +28,7 @@ seed.
 
 from __future__ import annotations
 
+import io
 import logging
 import math
 import pickle
@@ -38,6 +39,7 @@ import torch
 from torch import nn
 
 from mlprobe.errors import MlprobeError
+from mlprobe.files import write_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -435,10 +437,9 @@ def save_head(head: Head, path: Path, *, feature_dims: dict[str, int], extra: di
         "state_dict": {name: value.detach().cpu() for name, value in head.state_dict().items()},
         "extra": extra or {},
     }
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(path.name + ".tmp")
-    torch.save(payload, temporary)
-    temporary.replace(path)
+    buffer = io.BytesIO()
+    torch.save(payload, buffer)
+    write_atomic(Path(path), buffer.getvalue())
 
 
 def load_head(path: Path) -> tuple[Head, dict]:

@@ -13,10 +13,10 @@ import io
 import json
 import logging
 import math
-import os
 import re
 from pathlib import Path
 
+from mlprobe.files import write_atomic
 from mlprobe.probe.heads import save_head
 from mlprobe.probe.train import HeadResult
 
@@ -64,17 +64,6 @@ def result_row(model: str, result: HeadResult, split: dict, epochs: int) -> dict
         "split_seed": split["split_seed"],
     })
     return row
-
-
-def write_atomic(path: Path, data: bytes) -> None:
-    """Write bytes to a temporary file next to `path`, then rename it over `path`."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.tmp")
-    with open(temporary, "wb") as handle:
-        handle.write(data)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(temporary, path)
 
 
 def csv_text(rows: list[dict]) -> str:

@@ -9,13 +9,13 @@ from pathlib import Path
 from mlprobe import defaults
 from mlprobe.errors import MlprobeError, StoreError
 from mlprobe.features import FeatureStore, check_compatible
+from mlprobe.files import write_atomic
 from mlprobe.probe.data import StoreSource, split_rows
 from mlprobe.probe.results import (
     format_markdown,
     plot_results,
     result_row,
     save_chosen_heads,
-    write_atomic,
     write_csv,
     write_json,
     write_metrics_log,
